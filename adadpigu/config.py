@@ -401,6 +401,8 @@ def _coerce(hint: Any, value: Any, *, field: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=field)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` as false
+            value = "on" if value else "off"
         try:
             return hint(value)
         except ValueError:
