@@ -18,7 +18,7 @@ __all__ = ["EpochPrinter"]
 
 class EpochPrinter:
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
 
     def __call__(self, report: EpochReport, plan: TrainingPlan) -> None:
         total_epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
