@@ -199,6 +199,9 @@ def _enter_stage2(state: TrainerState, *, config: TrainConfig, keep_ratio: float
     )
     state.keep_ratio = keep_ratio
     state.stats = init_stats(params)
+    if config.adadpigu.stage2_lr is not None:
+        for group in state.optimizer.param_groups:
+            group["lr"] = config.adadpigu.stage2_lr
     _freeze_pruned_momentum(state)
 
 
