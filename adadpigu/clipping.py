@@ -32,7 +32,8 @@ def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
     batch = tensors[0].shape[0]
     squares = torch.zeros(batch, dtype=tensors[0].dtype, device=tensors[0].device)
     for g in tensors:
-        squares += torch.linalg.vector_norm(g.reshape(batch, -1), dim=1).square()
+        # flatten(1), not reshape(batch, -1): an empty Poisson batch (batch = 0) must work too.
+        squares += torch.linalg.vector_norm(g.flatten(start_dim=1), dim=1).square()
     return squares.sqrt()
 
 

@@ -57,7 +57,8 @@ def release_sum(
             flat,
             names=names,
             shapes={n: clipped.total[n].shape for n in names},
-            std=grad_noise_multiplier * clip_norm,
+            # σ = 0 with clip_norm = inf (no clipping) must give no noise, not 0·inf = NaN.
+            std=0.0 if grad_noise_multiplier == 0 else grad_noise_multiplier * clip_norm,
             count_std=count_std,
             noise_mask=noise_mask,
             generator=noise_generator,

@@ -41,8 +41,9 @@ def normalise_(
 ) -> None:
     """In place: w_i = (M ⊙ g_i − m) / b on kept coordinates, 0 on pruned ones (private, not released)."""
     for name, g in per_example.items():
-        m = mask[name].to(g.dtype)
-        g.mul_(m).sub_(mean[name] * m).div_(scale[name])
+        # Two passes over the B×D block: scale by M/b, then subtract the (D-sized) m·M/b.
+        factor = mask[name].to(g.dtype) / scale[name]
+        g.mul_(factor).sub_(mean[name] * factor)
 
 
 def denormalise(

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from adadpigu.config import ClipConfig, ClipScheduleKind
+from adadpigu.config import ClipConfig, ClipScheduleKind, ConfigError
 
 __all__ = ["ClipState", "NoiseSplit", "advance_clip", "initial_clip", "quantile_noise_split"]
 
@@ -44,8 +44,10 @@ def quantile_noise_split(
     if noise_multiplier == 0:
         return 0.0
     if not 2 * count_std > noise_multiplier:
-        raise ValueError(
-            f"{field}: quantile clipping needs 2·σ_b > σ, got σ_b={count_std:.4g}, σ={noise_multiplier:.4g}; "
+        raise ConfigError(
+            field,
+            "quantile clipping needs 2·σ_b > σ; "
+            f"got σ_b={count_std:.4g}, σ={noise_multiplier:.4g}: "
             "raise count_noise (or the batch size, since it defaults to qN/20)"
         )
     return (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5
