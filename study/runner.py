@@ -135,11 +135,14 @@ def fault_hook(step: int) -> Callable[[TrainerState], None]:
     return before_step
 
 
-def restore_state(state: TrainerState, out_dir: Path) -> int:
+def restore_state(state: TrainerState, out_dir: Path, *, checkpoint: Path | None = None) -> int:
     """Load the last checkpoint into `state`; charge the steps the ledger says ran after it.
 
+    `checkpoint` is the file to load (default: the run directory's checkpoint.pt; Ray Train passes
+    the one it restored). The ledger is always the run directory's.
     Returns the number of steps lost (executed after the checkpoint, to be redone)."""
-    blob = torch.load(out_dir / "checkpoint.pt", weights_only=False) if (out_dir / "checkpoint.pt").exists() else None
+    path = out_dir / "checkpoint.pt" if checkpoint is None else checkpoint
+    blob = torch.load(path, weights_only=False) if path.exists() else None
     if blob is not None:
         state.load_state_dict(blob)
     ledger = read_json(out_dir / "ledger.json") if (out_dir / "ledger.json").exists() else {}

@@ -8,9 +8,11 @@ import dataclasses
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,21 +75,30 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     dashboard_port = _free_port()
     ray = _ray_bin()
     address = f"127.0.0.1:{port}"
+    # A private temp dir, so this cluster never becomes another process's `auto`
+    # (ray_current_cluster); short, as Ray's socket paths are limited in length.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     head = [
-        ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
         f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
     ]
     node = [
-        ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+        ray, "start", f"--address={address}", "--block", "--node-ip-address=127.0.0.1",
         f"--num-cpus={NODE_CPUS}", "--num-gpus=0", "--disable-usage-stats",
     ]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    # `--block` keeps each `ray start` alive as the leader of its own process group, so teardown
+    # stops exactly this cluster's processes; `ray stop --force` would kill every Ray process on the
+    # machine, other sessions' clusters included.
+    started: list[subprocess.Popen] = []
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     try:
-        subprocess.run(node, env=env, check=True, capture_output=True, timeout=120)
+        started.append(_start_blocking(head, env, temp_dir / "head.out"))
+        _wait_for_port("127.0.0.1", port, started[0])
+        started.append(_start_blocking(node, env, temp_dir / "node.out"))
         _wait_for_nodes(address, env, expected=2)
         # Tests and the CLI subprocesses they start inherit the token from the environment.
-        saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = token
         yield RayCluster(
@@ -97,13 +108,53 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             head_cpus=HEAD_CPUS,
             node_cpus=NODE_CPUS,
         )
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for proc in reversed(started):
+            _stop_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_blocking(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen, *, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with code {proc.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the Ray test cluster's head did not listen on {host}:{port}")
+
+
+def _stop_group(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
+    """SIGTERM the `ray start --block` process group, then SIGKILL what is left of it (a head node
+    would otherwise drain for 30 s)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def _wait_for_nodes(address: str, env: dict[str, str], *, expected: int, timeout: float = 60) -> None:
