@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from study.study_cli import study_app
+
 app = typer.Typer(
     help="DP-correct AdaDPIGU / DP-SGD training and privacy-utility studies.",
     no_args_is_help=True,
@@ -19,6 +21,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Fetch and list datasets (offline-capable).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(study_app, name="study")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -89,6 +92,8 @@ def train(
         _fail(f"invalid config: {exc}")
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:  # a Ray Train run that failed after its retries
+        _fail(str(exc), code=1)
     _print_summary(metrics, run_dir)
 
 
