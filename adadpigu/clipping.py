@@ -52,4 +52,6 @@ def clip_and_sum(per_example: dict[str, torch.Tensor], *, clip_norm: float) -> C
     # tensordot contracts the batch dim: Σ_i factor_i · g_i without materialising factor·g.
     total = {name: torch.tensordot(factors, g, dims=1) for name, g in per_example.items()}
     unclipped = (norms <= clip_norm).sum().to(norms.dtype)
-    return ClippedSum(total=total, sensitivity=clip_norm, unclipped=unclipped, batch_size=norms.numel())
+    return ClippedSum(
+        total=total, sensitivity=clip_norm, unclipped=unclipped, batch_size=norms.numel()
+    )

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Collective", "LocalCollective", "TorchDistributedCollective"]
+__all__ = ["LOCAL", "Collective", "LocalCollective", "TorchDistributedCollective"]
 
 
 class Collective(Protocol):
@@ -44,3 +44,6 @@ class TorchDistributedCollective:
     def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
         self._dist.all_reduce(flat, op=self._dist.ReduceOp.SUM)
         return flat
+
+
+LOCAL = LocalCollective()

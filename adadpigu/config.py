@@ -36,6 +36,8 @@ __all__ = [
     "TrainingConfig",
     "apply_overrides",
     "config_hash",
+    "lookup_key",
+    "set_key",
 ]
 
 
@@ -151,7 +153,9 @@ class ModelConfig:
     activation: Activation = Activation.TANH
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", self.name, "a registry name or package.module:factory")
+        _check(
+            bool(self.name), "model.name", self.name, "a registry name or package.module:factory"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -308,7 +312,9 @@ class RuntimeConfig:
             self.device,
             "auto, cpu, cuda or cuda:N",
         )
-        _check(self.dtype in ("float32", "float64"), "runtime.dtype", self.dtype, "float32, float64")
+        _check(
+            self.dtype in ("float32", "float64"), "runtime.dtype", self.dtype, "float32, float64"
+        )
         _check(self.eval_batch_size >= 1, "runtime.eval_batch_size", self.eval_batch_size, ">= 1")
         if self.threads is not None:
             _check(self.threads >= 1, "runtime.threads", self.threads, ">= 1 or null")
@@ -328,7 +334,10 @@ class TrainConfig:
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self) -> None:
-        if self.method is Method.OPACUS_DPSGD and self.privacy.clip.schedule is not ClipScheduleKind.CONSTANT:
+        if (
+            self.method is Method.OPACUS_DPSGD
+            and self.privacy.clip.schedule is not ClipScheduleKind.CONSTANT
+        ):
             raise ConfigError(
                 "privacy.clip.schedule",
                 f"got {self.privacy.clip.schedule.value}; method opacus_dpsgd allows only constant",
@@ -360,20 +369,35 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, A
         if "=" not in item:
             raise ConfigError(item, "an override must look like key.sub=value")
         key, _, text = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
+        if not key.strip():
             raise ConfigError(item, "empty key in override")
-        node = result
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = {}
-                node[part] = child
-            if not isinstance(child, dict):
-                raise ConfigError(key, f"{part} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text)
+        set_key(result, key.strip(), yaml.safe_load(text))
     return result
+
+
+def lookup_key(plain: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key (`privacy.clip.c0`) of a plain nested mapping; None if absent."""
+    node: Any = plain
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def set_key(plain: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in a plain nested dict, creating missing sections."""
+    parts = [p for p in key.split(".") if p]
+    node = plain
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 # --- strict mapping → dataclass conversion -------------------------------------------------------

@@ -22,7 +22,9 @@ def per_example_gradients(
     """Gradient of each example's cross-entropy loss w.r.t. `params`, stacked on a leading batch dim."""
     buffers = dict(model.named_buffers())
 
-    def example_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    def example_loss(
+        p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> torch.Tensor:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
 

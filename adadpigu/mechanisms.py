@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from adadpigu.clipping import clip_and_sum
-from adadpigu.collective import Collective, LocalCollective
+from adadpigu.collective import LOCAL, Collective
 from adadpigu.normalisation import denormalise, normalise_
 
 __all__ = ["NoisedSum", "adaptive_release", "dp_release", "release_sum"]
@@ -34,7 +34,7 @@ def release_sum(
     count_std: float | None,
     noise_generator: torch.Generator | None,
     noise_mask: dict[str, torch.Tensor] | None = None,
-    collective: Collective = LocalCollective(),
+    collective: Collective = LOCAL,
 ) -> NoisedSum:
     """Release the clipped sum of this worker's examples, summed over workers, noised once.
 
@@ -101,7 +101,7 @@ def dp_release(
     count_std: float | None,
     expected_batch_size: float,
     noise_generator: torch.Generator | None,
-    collective: Collective = LocalCollective(),
+    collective: Collective = LOCAL,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """DP-SGD (stage 1): ĝ = (Σ clip_C(g_i) + N(0, σ²C²I)) / (qN), plus the noised centred count."""
     noised = release_sum(
@@ -127,7 +127,7 @@ def adaptive_release(
     count_std: float | None,
     expected_batch_size: float,
     noise_generator: torch.Generator | None,
-    collective: Collective = LocalCollective(),
+    collective: Collective = LOCAL,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """Stage 2: normalise kept coordinates with public (m, b), clip to C_t, noise kept coordinates only,
     de-normalise. `per_example` is modified in place (no second B×D copy)."""

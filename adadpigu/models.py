@@ -26,7 +26,9 @@ def _activation(kind: Activation) -> type[nn.Module]:
     return {Activation.TANH: nn.Tanh, Activation.RELU: nn.ReLU}[kind]
 
 
-def mnist_cnn(*, input_shape: tuple[int, int, int], num_classes: int, activation: Activation) -> nn.Module:
+def mnist_cnn(
+    *, input_shape: tuple[int, int, int], num_classes: int, activation: Activation
+) -> nn.Module:
     """The 26,010-parameter CNN of Papernot et al. (2021), used by the AdaDPIGU paper on MNIST."""
     act = _activation(activation)
     channels, height, width = input_shape
@@ -46,7 +48,9 @@ def mnist_cnn(*, input_shape: tuple[int, int, int], num_classes: int, activation
     )
 
 
-def cifar10_cnn(*, input_shape: tuple[int, int, int], num_classes: int, activation: Activation) -> nn.Module:
+def cifar10_cnn(
+    *, input_shape: tuple[int, int, int], num_classes: int, activation: Activation
+) -> nn.Module:
     """A small VGG-style CNN with GroupNorm (per-example normalisation, safe under DP)."""
     act = _activation(activation)
     channels = input_shape[0]
@@ -72,7 +76,9 @@ def cifar10_cnn(*, input_shape: tuple[int, int, int], num_classes: int, activati
     )
 
 
-def mlp(*, input_shape: tuple[int, int, int], num_classes: int, activation: Activation) -> nn.Module:
+def mlp(
+    *, input_shape: tuple[int, int, int], num_classes: int, activation: Activation
+) -> nn.Module:
     """A tiny MLP for tests and quick experiments."""
     act = _activation(activation)
     return nn.Sequential(

@@ -21,7 +21,9 @@ def make_generator(seed: int, *, device: torch.device | str = "cpu") -> torch.Ge
     return generator
 
 
-def make_noise_generator(*, noise_seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+def make_noise_generator(
+    *, noise_seed: int | None, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator for DP noise: OS entropy unless `noise_seed` is given (reproducible, not private)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)

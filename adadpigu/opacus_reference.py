@@ -16,7 +16,14 @@ from torch.utils.data import TensorDataset
 from adadpigu.config import TrainConfig
 from adadpigu.noise import make_generator, make_noise_generator
 from adadpigu.plan import TrainingPlan
-from adadpigu.training import Callbacks, EpochReport, TrainerState, TrainingData, evaluate
+from adadpigu.training import (
+    NO_CALLBACKS,
+    Callbacks,
+    EpochReport,
+    TrainerState,
+    TrainingData,
+    evaluate,
+)
 
 __all__ = ["run_opacus_training"]
 
@@ -27,7 +34,7 @@ def run_opacus_training(
     data: TrainingData,
     state: TrainerState,
     *,
-    callbacks: Callbacks = Callbacks(),
+    callbacks: Callbacks = NO_CALLBACKS,
     eval_batch_size: int = 2048,
 ) -> tuple[TrainerState, float]:
     """Train with Opacus; returns the state and Opacus's own ε (for comparison with ours)."""

@@ -70,7 +70,9 @@ def make_plan(config: TrainConfig, *, n_train: int) -> TrainingPlan:
     stage1_steps = total_steps
     if config.method is Method.ADADPIGU:
         fraction = config.adadpigu.stage1_fraction
-        stage1_steps = 0 if fraction == 0 else min(total_steps - 1, max(1, round(fraction * total_steps)))
+        stage1_steps = (
+            0 if fraction == 0 else min(total_steps - 1, max(1, round(fraction * total_steps)))
+        )
         if fraction > 0 and total_steps < 2:
             raise ConfigError("adadpigu.stage1_fraction", "a two-stage run needs at least 2 steps")
 
@@ -93,14 +95,21 @@ def make_plan(config: TrainConfig, *, n_train: int) -> TrainingPlan:
                 tolerance=privacy.epsilon_tolerance,
             )
     stage1 = noise_split(
-        privacy.clip, noise_multiplier=sigma, expected_batch_size=expected, field="privacy.clip.count_noise"
-    )
-    stage2 = noise_split(
-        config.adadpigu.clip,
+        privacy.clip,
         noise_multiplier=sigma,
         expected_batch_size=expected,
-        field="adadpigu.clip.count_noise",
-    ) if config.method is Method.ADADPIGU else stage1
+        field="privacy.clip.count_noise",
+    )
+    stage2 = (
+        noise_split(
+            config.adadpigu.clip,
+            noise_multiplier=sigma,
+            expected_batch_size=expected,
+            field="adadpigu.clip.count_noise",
+        )
+        if config.method is Method.ADADPIGU
+        else stage1
+    )
     if not config.method.is_private:
         stage1 = stage2 = NoiseSplit(grad_multiplier=0.0, count_std=None)
     return TrainingPlan(

@@ -11,7 +11,9 @@ import torch
 __all__ = ["poisson_sample", "shard_indices"]
 
 
-def shard_indices(n: int, *, rank: int, world_size: int, device: torch.device | None = None) -> torch.Tensor:
+def shard_indices(
+    n: int, *, rank: int, world_size: int, device: torch.device | None = None
+) -> torch.Tensor:
     """The examples owned by `rank`: a disjoint, exhaustive partition of range(n) (no padding).
 
     Each example lies in exactly one shard, so sampling every shard at rate q is a Poisson sample of
@@ -22,7 +24,9 @@ def shard_indices(n: int, *, rank: int, world_size: int, device: torch.device | 
     return torch.arange(rank, n, world_size, device=device)
 
 
-def poisson_sample(population: torch.Tensor, *, rate: float, generator: torch.Generator) -> torch.Tensor:
+def poisson_sample(
+    population: torch.Tensor, *, rate: float, generator: torch.Generator
+) -> torch.Tensor:
     """Return the members of `population` (1-D index tensor) kept independently with probability `rate`."""
     if not 0 < rate <= 1:
         raise ValueError(f"sample rate must lie in (0, 1], got {rate}")

@@ -48,7 +48,7 @@ def quantile_noise_split(
             field,
             "quantile clipping needs 2·σ_b > σ; "
             f"got σ_b={count_std:.4g}, σ={noise_multiplier:.4g}: "
-            "raise count_noise (or the batch size, since it defaults to qN/20)"
+            "raise count_noise (or the batch size, since it defaults to qN/20)",
         )
     return (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5
 
@@ -64,7 +64,9 @@ def noise_split(
     return NoiseSplit(grad_multiplier=grad, count_std=count_std)
 
 
-def _constant(config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None) -> float:
+def _constant(
+    config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None
+) -> float:
     return config.c0
 
 
@@ -72,20 +74,28 @@ def _fraction(step: int, stage_steps: int) -> float:
     return min(1.0, step / max(1, stage_steps - 1))
 
 
-def _exp_decay(config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None) -> float:
+def _exp_decay(
+    config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None
+) -> float:
     assert config.c_final is not None
     return config.c0 * (config.c_final / config.c0) ** _fraction(state.step + 1, stage_steps)
 
 
-def _linear_decay(config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None) -> float:
+def _linear_decay(
+    config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None
+) -> float:
     assert config.c_final is not None
     return config.c0 + (config.c_final - config.c0) * _fraction(state.step + 1, stage_steps)
 
 
-def _quantile(config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None) -> float:
+def _quantile(
+    config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None
+) -> float:
     if unclipped_fraction is None:
         raise ValueError("the quantile schedule needs the released unclipped fraction")
-    return state.norm * math.exp(-config.quantile_lr * (unclipped_fraction - config.target_quantile))
+    return state.norm * math.exp(
+        -config.quantile_lr * (unclipped_fraction - config.target_quantile)
+    )
 
 
 _UPDATES: dict[ClipScheduleKind, Callable[..., float]] = {
@@ -97,7 +107,11 @@ _UPDATES: dict[ClipScheduleKind, Callable[..., float]] = {
 
 
 def advance_clip(
-    config: ClipConfig, state: ClipState, *, stage_steps: int, unclipped_fraction: float | None = None
+    config: ClipConfig,
+    state: ClipState,
+    *,
+    stage_steps: int,
+    unclipped_fraction: float | None = None,
 ) -> ClipState:
     """The clip state after one step. `unclipped_fraction` must be the noised estimate b̃_t."""
     norm = _UPDATES[config.schedule](

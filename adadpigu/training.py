@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adadpigu.collective import Collective, LocalCollective
+from adadpigu.collective import LOCAL, Collective
 from adadpigu.config import ClipScheduleKind, Method, NormalisationKind, TrainConfig
 from adadpigu.gradients import batch_loss_gradient, per_example_gradients
 from adadpigu.importance import accumulate_importance, zero_scores
@@ -101,7 +101,9 @@ class TrainerState:
             "clip2": dataclasses.asdict(self.clip2),
             "importance": self.importance,
             "mask": self.mask,
-            "stats": None if self.stats is None else {"mean": self.stats.mean, "variance": self.stats.variance},
+            "stats": None
+            if self.stats is None
+            else {"mean": self.stats.mean, "variance": self.stats.variance},
             "keep_ratio": self.keep_ratio,
             "history": [dataclasses.asdict(r) for r in self.history],
             "clip_trace": list(self.clip_trace),
@@ -119,7 +121,9 @@ class TrainerState:
         self.importance = blob["importance"]
         self.mask = blob["mask"]
         stats = blob["stats"]
-        self.stats = None if stats is None else AdaptiveStats(mean=stats["mean"], variance=stats["variance"])
+        self.stats = (
+            None if stats is None else AdaptiveStats(mean=stats["mean"], variance=stats["variance"])
+        )
         self.keep_ratio = blob["keep_ratio"]
         self.history = [EpochReport(**r) for r in blob["history"]]
         self.clip_trace = list(blob["clip_trace"])
@@ -132,6 +136,9 @@ class Callbacks:
 
     before_step: Sequence[Callable[[TrainerState], None]] = ()
     on_epoch_end: Sequence[Callable[[EpochReport, TrainerState], None]] = ()
+
+
+NO_CALLBACKS = Callbacks()
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,7 +169,9 @@ def init_state(config: TrainConfig, model: nn.Module) -> TrainerState:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
+) -> tuple[float, float]:
     """(accuracy, mean loss) on a held-out split."""
     if x.shape[0] == 0:
         return math.nan, math.nan
@@ -286,7 +295,9 @@ def _private_step(
             collective=collective,
         )
         if adaptive:
-            noise_var = {n: (noise.grad_multiplier * clip.norm * b / qn) ** 2 for n, b in scale.items()}
+            noise_var = {
+                n: (noise.grad_multiplier * clip.norm * b / qn) ** 2 for n, b in scale.items()
+            }
             update_stats_(
                 state.stats,
                 released=grad,
@@ -302,7 +313,9 @@ def _private_step(
     if schedule_config.schedule is ClipScheduleKind.QUANTILE:
         assert count is not None
         fraction = noised_unclipped_fraction(noised_centred_count=count, expected_batch_size=qn)
-    new_clip = advance_clip(schedule_config, clip, stage_steps=stage_steps, unclipped_fraction=fraction)
+    new_clip = advance_clip(
+        schedule_config, clip, stage_steps=stage_steps, unclipped_fraction=fraction
+    )
     if stage2:
         state.clip2 = new_clip
     else:
@@ -312,7 +325,12 @@ def _private_step(
 
 
 def _nonprivate_step(
-    state: TrainerState, *, plan: TrainingPlan, x: torch.Tensor, y: torch.Tensor, collective: Collective
+    state: TrainerState,
+    *,
+    plan: TrainingPlan,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    collective: Collective,
 ) -> None:
     params = _params(state.model)
     grad = batch_loss_gradient(state.model, params, x, y, divisor=plan.expected_batch_size)
@@ -330,8 +348,8 @@ def run_training(
     data: TrainingData,
     state: TrainerState,
     *,
-    callbacks: Callbacks = Callbacks(),
-    collective: Collective = LocalCollective(),
+    callbacks: Callbacks = NO_CALLBACKS,
+    collective: Collective = LOCAL,
     eval_batch_size: int = 2048,
 ) -> TrainerState:
     """Train from `state` to the end of the plan (or of the budget, after a restart; see below).
@@ -348,9 +366,13 @@ def run_training(
         seed = config.privacy.noise_seed
         derived = None if seed is None else _derived_seed("noise", seed, state.executed_steps)
         noise_generator = make_noise_generator(noise_seed=derived, device=device)
-    shard = shard_indices(data.train_x.shape[0], rank=collective.rank, world_size=collective.world_size, device=device)
+    shard = shard_indices(
+        data.train_x.shape[0], rank=collective.rank, world_size=collective.world_size, device=device
+    )
     if config.method is Method.ADADPIGU and state.step >= plan.stage1_steps and state.mask is None:
-        _enter_stage2(state, config=config, keep_ratio=_release_keep_ratio(config, plan, state.step))
+        _enter_stage2(
+            state, config=config, keep_ratio=_release_keep_ratio(config, plan, state.step)
+        )
     start = time.perf_counter()
     state.model.train()
     while state.step < plan.total_steps:
@@ -358,7 +380,8 @@ def run_training(
             break  # the budget is spent (a restart redid steps): stop rather than overspend
         epoch = state.step // plan.steps_per_epoch
         sampler = make_generator(
-            _derived_seed("sampling", config.seed, collective.rank, epoch, state.restarts), device=device
+            _derived_seed("sampling", config.seed, collective.rank, epoch, state.restarts),
+            device=device,
         )
         # Skip to the current step within the epoch so the stream position matches the step.
         for _ in range(state.step - epoch * plan.steps_per_epoch):
@@ -369,21 +392,34 @@ def run_training(
                 break
             for hook in callbacks.before_step:
                 hook(state)
-            if config.method is Method.ADADPIGU and state.step == plan.stage1_steps and state.mask is None:
-                _enter_stage2(state, config=config, keep_ratio=_release_keep_ratio(config, plan, state.step))
+            if (
+                config.method is Method.ADADPIGU
+                and state.step == plan.stage1_steps
+                and state.mask is None
+            ):
+                _enter_stage2(
+                    state, config=config, keep_ratio=_release_keep_ratio(config, plan, state.step)
+                )
             idx = poisson_sample(shard, rate=plan.sample_rate, generator=sampler)
             x, y = data.train_x[idx], data.train_y[idx]
             if config.method is Method.NONPRIVATE:
                 _nonprivate_step(state, plan=plan, x=x, y=y, collective=collective)
             else:
                 _private_step(
-                    state, config=config, plan=plan, x=x, y=y,
-                    noise_generator=noise_generator, collective=collective,
+                    state,
+                    config=config,
+                    plan=plan,
+                    x=x,
+                    y=y,
+                    noise_generator=noise_generator,
+                    collective=collective,
                 )
             state.step += 1
             state.executed_steps += 1
         _maybe_release_more(state, config=config, plan=plan)
-        val_acc, val_loss = evaluate(state.model, data.val_x, data.val_y, batch_size=eval_batch_size)
+        val_acc, val_loss = evaluate(
+            state.model, data.val_x, data.val_y, batch_size=eval_batch_size
+        )
         test_acc, _ = evaluate(state.model, data.test_x, data.test_y, batch_size=eval_batch_size)
         in_stage2 = config.method is Method.ADADPIGU and state.step > plan.stage1_steps
         report = EpochReport(
@@ -421,8 +457,12 @@ def _maybe_release_more(state: TrainerState, *, config: TrainConfig, plan: Train
     # Newly released coordinates start from the neutral statistics m = 0, s = 1.
     for n in state.mask:
         fresh = state.mask[n] & ~old[n]
-        state.stats.mean[n] = torch.where(fresh, torch.zeros_like(state.stats.mean[n]), state.stats.mean[n])
-        state.stats.variance[n] = torch.where(fresh, torch.ones_like(state.stats.variance[n]), state.stats.variance[n])
+        state.stats.mean[n] = torch.where(
+            fresh, torch.zeros_like(state.stats.mean[n]), state.stats.mean[n]
+        )
+        state.stats.variance[n] = torch.where(
+            fresh, torch.ones_like(state.stats.variance[n]), state.stats.variance[n]
+        )
 
 
 def mask_summary(state: TrainerState) -> dict[str, int] | None:

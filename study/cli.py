@@ -43,14 +43,26 @@ def load_train_config(path: Path, overrides: list[str]) -> Any:
 
 @app.command()
 def train(
-    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML run config")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override key.sub=value (repeatable)")] = [],  # noqa: B006
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>-<time>)")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")] = None,
+    config_path: Annotated[
+        Path | None, typer.Argument(metavar="CONFIG", help="YAML run config")
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="override key.sub=value (repeatable)")
+    ] = [],  # noqa: B006
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default runs/<name>-<time>)")
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers; 1 runs in-process")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray Train worker")] = 0.0,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (auto, ray://..., host:port)")] = None,
-    resume: Annotated[Path | None, typer.Option(help="continue an interrupted in-process run")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (auto, ray://..., host:port)")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue an interrupted in-process run")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
 ) -> None:
     """Train one run (nonprivate | dpsgd | opacus_dpsgd | adadpigu) and write its run directory."""
@@ -63,7 +75,9 @@ def train(
         if resume is not None:
             from study.runner import resume_run
 
-            metrics = resume_run(resume, data_dir=data_dir, progress=None if quiet else EpochPrinter())
+            metrics = resume_run(
+                resume, data_dir=data_dir, progress=None if quiet else EpochPrinter()
+            )
             _print_summary(metrics, resume)
             return
         if config_path is None:
@@ -74,7 +88,10 @@ def train(
             from study.runner import execute_run
 
             metrics = execute_run(
-                config, out_dir=run_dir, data_dir=data_dir, progress=None if quiet else EpochPrinter()
+                config,
+                out_dir=run_dir,
+                data_dir=data_dir,
+                progress=None if quiet else EpochPrinter(),
             )
         else:
             from study.distributed import run_distributed
@@ -108,7 +125,11 @@ def _print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     if metrics.get("lost_steps"):
         typer.echo(
             f"note: {metrics['lost_steps']} steps were executed and lost to restarts; they are charged. "
-            + ("The run stopped early to stay within its budget." if metrics.get("budget_exhausted") else "")
+            + (
+                "The run stopped early to stay within its budget."
+                if metrics.get("budget_exhausted")
+                else ""
+            )
         )
     if not privacy["private"]:
         typer.secho(privacy["statement"], fg=typer.colors.YELLOW)
@@ -136,9 +157,15 @@ def accounting(
     try:
         if dataset_size is not None:
             check_delta(delta=delta, dataset_size=dataset_size)
-        sigma = calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=kind)
+        sigma = calibrate_noise(
+            epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=kind
+        )
         achieved = compute_epsilon(
-            noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=kind
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            accountant=kind,
         )
     except (AccountingError, ValueError) as exc:
         _fail(str(exc))
@@ -163,7 +190,9 @@ def accounting(
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | cifar10")],
-    data_dir: Annotated[str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")
+    ] = None,
 ) -> None:
     """Fetch a dataset into the data folder and verify its checksums."""
     from adadpigu.data import fetch
@@ -177,7 +206,9 @@ def data_fetch(
 
 @data_app.command("list")
 def data_list(
-    data_dir: Annotated[str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="dataset folder (else $ADADPIGU_DATA or cache)")
+    ] = None,
 ) -> None:
     """Show which datasets are available locally."""
     from adadpigu.data import dataset_status, resolve_data_dir

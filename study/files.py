@@ -11,7 +11,13 @@ from typing import Any
 
 import yaml
 
-__all__ = ["read_json", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "write_yaml_atomic"]
+__all__ = [
+    "read_json",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+    "write_yaml_atomic",
+]
 
 
 def write_bytes_atomic(path: Path, payload: bytes, *, durable: bool = True) -> None:

@@ -44,12 +44,12 @@ from study.files import (
     write_yaml_atomic,
 )
 
-__all__ = ["FaultInjected", "PreparedRun", "execute_run", "prepare_run", "resume_run"]
+__all__ = ["FaultInjectedError", "PreparedRun", "execute_run", "prepare_run", "resume_run"]
 
 Reporter = Callable[[EpochReport], None]
 
 
-class FaultInjected(RuntimeError):
+class FaultInjectedError(RuntimeError):
     """Raised by the deterministic fault-injection hook (`runtime.fault_at_step`)."""
 
 
@@ -69,7 +69,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"runtime.device={name!r} but no CUDA device is available; use auto or cpu")
+        raise ValueError(
+            f"runtime.device={name!r} but no CUDA device is available; use auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -101,7 +103,11 @@ def prepare_run(config: TrainConfig, *, data_dir: str | None = None) -> Prepared
         test_x=put(splits.test_x),
         test_y=put(splits.test_y),
     )
-    sizes = {"train": splits.n_train, "validation": int(splits.val_y.numel()), "test": int(splits.test_y.numel())}
+    sizes = {
+        "train": splits.n_train,
+        "validation": int(splits.val_y.numel()),
+        "test": int(splits.test_y.numel()),
+    }
     return PreparedRun(config, plan, data, model, device, sizes, splits.name)
 
 
@@ -130,7 +136,7 @@ def checkpoint_hook(out_dir: Path) -> Callable[[EpochReport, TrainerState], None
 def fault_hook(step: int) -> Callable[[TrainerState], None]:
     def before_step(state: TrainerState) -> None:
         if state.restarts == 0 and state.step == step:
-            raise FaultInjected(f"injected fault at step {step} (runtime.fault_at_step)")
+            raise FaultInjectedError(f"injected fault at step {step} (runtime.fault_at_step)")
 
     return before_step
 
@@ -168,7 +174,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def privacy_statement(config: TrainConfig, plan: TrainingPlan, sizes: dict[str, int], epsilon: float) -> dict[str, Any]:
+def privacy_statement(
+    config: TrainConfig, plan: TrainingPlan, sizes: dict[str, int], epsilon: float
+) -> dict[str, Any]:
     private = config.method.is_private and config.privacy.noise_seed is None
     if not config.method.is_private:
         text = "NOT PRIVATE: non-private baseline."
@@ -256,7 +264,9 @@ def build_metrics(
         ),
         "wall_time": wall_time,
         "train_time": train_time,
-        "samples_per_second": plan.expected_batch_size * state.executed_steps / max(train_time, 1e-9),
+        "samples_per_second": plan.expected_batch_size
+        * state.executed_steps
+        / max(train_time, 1e-9),
         "versions": _versions(),
         "config_hash": config_hash(config),
         "split_sizes": prepared.split_sizes,
@@ -284,7 +294,9 @@ def build_metrics(
     return metrics
 
 
-def write_outputs(out_dir: Path, prepared: PreparedRun, state: TrainerState, metrics: dict[str, Any]) -> None:
+def write_outputs(
+    out_dir: Path, prepared: PreparedRun, state: TrainerState, metrics: dict[str, Any]
+) -> None:
     write_torch_atomic(out_dir / "model.pt", state.model.state_dict())
     if state.mask is not None and state.importance is not None:
         arrays = {}
@@ -318,7 +330,11 @@ def execute_run(
     lost = restore_state(state, out_dir) if resume else 0
     callbacks = Callbacks(
         before_step=[ledger_hook(out_dir)]
-        + ([fault_hook(config.runtime.fault_at_step)] if config.runtime.fault_at_step is not None else []),
+        + (
+            [fault_hook(config.runtime.fault_at_step)]
+            if config.runtime.fault_at_step is not None
+            else []
+        ),
         on_epoch_end=[checkpoint_hook(out_dir)]
         + ([lambda r, s: reporter(r)] if reporter else [])
         + ([lambda r, s: progress(r, prepared.plan)] if progress else []),
@@ -331,20 +347,32 @@ def execute_run(
         from adadpigu.opacus_reference import run_opacus_training
 
         state, opacus_eps = run_opacus_training(
-            config, prepared.plan, prepared.data, state, callbacks=callbacks,
+            config,
+            prepared.plan,
+            prepared.data,
+            state,
+            callbacks=callbacks,
             eval_batch_size=config.runtime.eval_batch_size,
         )
         extra["opacus_epsilon"] = opacus_eps
     else:
         state = run_training(
-            config, prepared.plan, prepared.data, state, callbacks=callbacks,
+            config,
+            prepared.plan,
+            prepared.data,
+            state,
+            callbacks=callbacks,
             eval_batch_size=config.runtime.eval_batch_size,
         )
     train_time = time.perf_counter() - train_start
     if resume:
         extra["lost_steps_this_resume"] = lost
     metrics = build_metrics(
-        prepared, state, wall_time=time.perf_counter() - wall_start, train_time=train_time, extra=extra
+        prepared,
+        state,
+        wall_time=time.perf_counter() - wall_start,
+        train_time=train_time,
+        extra=extra,
     )
     write_outputs(out_dir, prepared, state, metrics)
     return metrics

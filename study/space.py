@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from adadpigu.config import ConfigError, Method, TrainConfig
+from adadpigu.config import ConfigError, Method, TrainConfig, lookup_key, set_key
 
 __all__ = [
     "STUDY_FILE_VERSION",
@@ -85,7 +85,7 @@ _STUDY_OWNED = {
     "seed": "set by `seeds`",
     "privacy.epsilon": "set by `budgets.epsilon`",
     "privacy.delta": "set by `budgets.delta`",
-    "privacy.noise_multiplier": "σ is derived from the ε budget by calibration, never set or searched",  # noqa: E501
+    "privacy.noise_multiplier": "σ is derived from the ε budget by calibration, never set or searched",
 }
 # Prefixes that are not hyperparameters: the dataset, runtime settings and privacy bookkeeping.
 _NOT_SEARCHABLE_PREFIXES = ("data.", "runtime.")
@@ -291,7 +291,7 @@ class StudySpec:
                 if param.kind is ParamKind.CATEGORICAL:
                     return float(max(param.choices))
                 return float(param.high)  # type: ignore[arg-type]
-        return float(_lookup(_defaults_with(self.base), "training.epochs"))
+        return float(lookup_key(_defaults_with(self.base), "training.epochs"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -756,7 +756,7 @@ def _check_against_config(spec: StudySpec, *, shared_keys: set[str]) -> None:
             conditions = {k: v[0] for k, v in param.when}
             for where, value in param.probe_values():
                 if param.scale_by is not None:
-                    value = value * _lookup(base, param.scale_by)
+                    value = value * lookup_key(base, param.scale_by)
                 probe = _complete_probe(
                     spec.space_for(group.method), {**conditions, param.key: value}, base=base
                 )
@@ -778,10 +778,10 @@ def _complete_probe(
     for param in params:
         if param.key in out or not param.when:
             continue
-        if all(out.get(k, _lookup(base, k)) in allowed for k, allowed in param.when):
+        if all(out.get(k, lookup_key(base, k)) in allowed for k, allowed in param.when):
             value = param.probe_values()[0][1]
             if param.scale_by is not None:
-                value = value * out.get(param.scale_by, _lookup(base, param.scale_by))
+                value = value * out.get(param.scale_by, lookup_key(base, param.scale_by))
             out[param.key] = value
     return out
 
@@ -869,25 +869,6 @@ def _has(raw: Mapping[str, Any], key: str) -> bool:
     return True
 
 
-def _set(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def _lookup(plain: Mapping[str, Any], key: str) -> Any:
-    node: Any = plain
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def _defaults_with(base: Mapping[str, Any]) -> dict[str, Any]:
     """The fully resolved base (defaults filled in), as a plain nested dict."""
     return TrainConfig.from_dict(base).to_dict()
@@ -910,17 +891,17 @@ def trial_config(
     raw = copy.deepcopy(dict(spec.base))
     raw["method"] = group.method.value
     raw["seed"] = int(seed)
-    _set(raw, "privacy.delta", spec.delta)
+    set_key(raw, "privacy.delta", spec.delta)
     if group.epsilon is not None:
         if noise_multiplier is None:
-            _set(raw, "privacy.epsilon", group.epsilon)
+            set_key(raw, "privacy.epsilon", group.epsilon)
         else:
-            _set(raw, "privacy.epsilon", None)
-            _set(raw, "privacy.noise_multiplier", float(noise_multiplier))
+            set_key(raw, "privacy.epsilon", None)
+            set_key(raw, "privacy.noise_multiplier", float(noise_multiplier))
     for key, value in params.items():
-        _set(raw, key, value)
+        set_key(raw, key, value)
     if threads is not None and not _has(raw, "runtime.threads"):
-        _set(raw, "runtime.threads", int(threads))
+        set_key(raw, "runtime.threads", int(threads))
     return TrainConfig.from_dict(raw)
 
 
@@ -950,7 +931,7 @@ def suggest(
     values: dict[str, Any] = {}
 
     def current(key: str) -> Any:
-        return values[key] if key in values else _lookup(resolved, key)
+        return values[key] if key in values else lookup_key(resolved, key)
 
     for param in params:
         if not all(current(k) in allowed for k, allowed in param.when):

@@ -36,7 +36,7 @@ from adadpigu.accounting import (
     check_delta,
     compute_epsilon,
 )
-from adadpigu.config import ConfigError, TrainConfig, config_hash
+from adadpigu.config import ConfigError, TrainConfig, config_hash, lookup_key
 from reports.schema import CURVES_SCHEMA, HYPERPARAMETER_COLUMNS, TRIALS_SCHEMA
 from reports.table import read_table, rows_to_table, write_table_atomic
 from study.files import read_json, write_json_atomic, write_text_atomic
@@ -359,15 +359,6 @@ def _over(epsilon: float | None, target: float | None) -> bool:
     return bool(epsilon is not None and target is not None and epsilon > target * (1 + 1e-9))
 
 
-def _lookup(plain: Mapping[str, Any], key: str) -> Any:
-    node: Any = plain
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
     plain = config.to_dict()
     method = config.method
@@ -378,7 +369,7 @@ def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
             applies = method.value == "adadpigu"
         elif key.startswith("privacy."):
             applies = method.is_private
-        out[column] = _lookup(plain, key) if applies else None
+        out[column] = lookup_key(plain, key) if applies else None
     return out
 
 

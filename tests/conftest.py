@@ -54,7 +54,13 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run the real `adadpigu` CLI (`python -m study.cli`) and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "study.cli", *args],
@@ -79,14 +85,29 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     # (ray_current_cluster); short, as Ray's socket paths are limited in length.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     head = [
-        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-        f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+        ray,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={HEAD_CPUS}",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
     ]
     node = [
-        ray, "start", f"--address={address}", "--block", "--node-ip-address=127.0.0.1",
-        f"--num-cpus={NODE_CPUS}", "--num-gpus=0", "--disable-usage-stats",
+        ray,
+        "start",
+        f"--address={address}",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={NODE_CPUS}",
+        "--num-gpus=0",
+        "--disable-usage-stats",
     ]
     # `--block` keeps each `ray start` alive as the leader of its own process group, so teardown
     # stops exactly this cluster's processes; `ray stop --force` would kill every Ray process on the
@@ -157,7 +178,9 @@ def _stop_group(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
     proc.wait(timeout=30)
 
 
-def _wait_for_nodes(address: str, env: dict[str, str], *, expected: int, timeout: float = 60) -> None:
+def _wait_for_nodes(
+    address: str, env: dict[str, str], *, expected: int, timeout: float = 60
+) -> None:
     probe = (
         "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
         "print(sum(1 for n in ray.nodes() if n['Alive']))"
@@ -165,9 +188,17 @@ def _wait_for_nodes(address: str, env: dict[str, str], *, expected: int, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run(
-            [sys.executable, "-c", probe, address], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", probe, address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) >= expected:
+        if (
+            out.returncode == 0
+            and out.stdout.strip().isdigit()
+            and int(out.stdout.strip()) >= expected
+        ):
             return
         time.sleep(1)
     raise RuntimeError(f"the Ray test cluster at {address} did not reach {expected} nodes")

@@ -32,7 +32,9 @@ def write_config(tmp_path: Path, config: dict) -> Path:
 def test_train_end_to_end_writes_run_directory(tmp_path: Path) -> None:
     config = write_config(tmp_path, TINY)
     out = tmp_path / "run"
-    result = run_cli(["train", str(config), "--out", str(out), "--set", "training.epochs=3"], timeout=300)
+    result = run_cli(
+        ["train", str(config), "--out", str(out), "--set", "training.epochs=3"], timeout=300
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -54,8 +56,17 @@ def test_train_end_to_end_writes_run_directory(tmp_path: Path) -> None:
     assert metrics["privacy"]["neighbouring_relation"] == "add/remove one example"
     assert metrics["privacy"]["dataset_size"] == 512 - 64
     assert set(metrics["privacy"]["outside_guarantee"]) == {"validation", "test"}
-    for key in ("delta", "sigma", "sample_rate", "seed", "noise_seeded", "wall_time", "samples_per_second",
-                "versions", "config_hash"):
+    for key in (
+        "delta",
+        "sigma",
+        "sample_rate",
+        "seed",
+        "noise_seeded",
+        "wall_time",
+        "samples_per_second",
+        "versions",
+        "config_hash",
+    ):
         assert key in metrics, key
     # Nothing computed on training examples is stored: no training loss/accuracy anywhere.
     assert "train" not in json.dumps(metrics["curves"])
@@ -66,7 +77,9 @@ def test_train_end_to_end_writes_run_directory(tmp_path: Path) -> None:
 
 def test_train_rejects_bad_config_with_field_name(tmp_path: Path) -> None:
     bad = dict(TINY, privacy={"epsilon": -1.0, "delta": 1e-4})
-    result = run_cli(["train", str(write_config(tmp_path, bad)), "--out", str(tmp_path / "r")], timeout=120)
+    result = run_cli(
+        ["train", str(write_config(tmp_path, bad)), "--out", str(tmp_path / "r")], timeout=120
+    )
     assert result.returncode != 0
     assert "privacy.epsilon" in result.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
@@ -74,7 +87,9 @@ def test_train_rejects_bad_config_with_field_name(tmp_path: Path) -> None:
 
 def test_train_rejects_delta_at_least_one_over_n(tmp_path: Path) -> None:
     bad = dict(TINY, privacy={"epsilon": 1.0, "delta": 0.01})
-    result = run_cli(["train", str(write_config(tmp_path, bad)), "--out", str(tmp_path / "r")], timeout=120)
+    result = run_cli(
+        ["train", str(write_config(tmp_path, bad)), "--out", str(tmp_path / "r")], timeout=120
+    )
     assert result.returncode != 0
     assert "privacy.delta" in result.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
@@ -82,8 +97,20 @@ def test_train_rejects_delta_at_least_one_over_n(tmp_path: Path) -> None:
 
 def test_accounting_json_output() -> None:
     result = run_cli(
-        ["accounting", "--epsilon", "8", "--delta", "1e-5", "--sample-rate", "0.004", "--steps", "1000",
-         "--dataset-size", "60000", "--json"],
+        [
+            "accounting",
+            "--epsilon",
+            "8",
+            "--delta",
+            "1e-5",
+            "--sample-rate",
+            "0.004",
+            "--steps",
+            "1000",
+            "--dataset-size",
+            "60000",
+            "--json",
+        ],
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -96,8 +123,19 @@ def test_accounting_json_output() -> None:
 
 def test_accounting_rejects_delta_over_one_over_n() -> None:
     result = run_cli(
-        ["accounting", "--epsilon", "8", "--delta", "1e-3", "--sample-rate", "0.01", "--steps", "100",
-         "--dataset-size", "1000"],
+        [
+            "accounting",
+            "--epsilon",
+            "8",
+            "--delta",
+            "1e-3",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "100",
+            "--dataset-size",
+            "1000",
+        ],
         timeout=120,
     )
     assert result.returncode != 0
@@ -109,5 +147,7 @@ def test_cli_train_does_not_import_ray() -> None:
         "import sys; from study import cli; import study.runner; "
         "assert 'ray' not in sys.modules and 'optuna' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('ray', 'optuna')))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], env=cli_env(), cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=cli_env(), cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -60,18 +61,24 @@ def test_pruned_coordinates_never_move_and_release_schedule_grows_the_mask() -> 
             "model": {"name": "mlp"},
             "training": {"epochs": 4, "batch_size": 32, "lr": 0.5, "momentum": 0.9},
             "privacy": {"epsilon": 8.0, "delta": 1e-4},
-            "adadpigu": {"keep_ratio": 0.3, "stage1_fraction": 0.25, "release_final_keep_ratio": 0.6},
+            "adadpigu": {
+                "keep_ratio": 0.3,
+                "stage1_fraction": 0.25,
+                "release_final_keep_ratio": 0.6,
+            },
             "runtime": {"dtype": "float64"},
         }
     )
     plan = make_plan(config, n_train=n)
-    model = build_model(config.model, input_shape=(1, 4, 4), num_classes=classes, generator=gen).double()
+    model = build_model(
+        config.model, input_shape=(1, 4, 4), num_classes=classes, generator=gen
+    ).double()
     data = TrainingData(x, y, x[:16], y[:16], x[:16], y[:16])
     state = init_state(config, model)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     masks: dict[int, dict[str, torch.Tensor]] = {}
 
-    def record(report, st) -> None:  # noqa: ANN001
+    def record(report, st) -> None:
         snapshots[report.epoch] = {k: v.detach().clone() for k, v in st.model.named_parameters()}
         if st.mask is not None:
             masks[report.epoch] = {k: v.clone() for k, v in st.mask.items()}
@@ -84,7 +91,7 @@ def test_pruned_coordinates_never_move_and_release_schedule_grows_the_mask() -> 
     assert kept == sorted(kept) and kept[0] < kept[-1]
     # Between two epochs, coordinates outside the (earlier) mask did not change.
     epochs = sorted(masks)
-    for before, after in zip(epochs, epochs[1:], strict=False):
-        for name, frozen in masks[before].items():
+    for before, after in itertools.pairwise(epochs):
+        for name, _frozen in masks[before].items():
             pruned = ~masks[after][name]
             assert torch.equal(snapshots[after][name][pruned], snapshots[before][name][pruned])

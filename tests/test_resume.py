@@ -18,7 +18,7 @@ import yaml
 
 from adadpigu.accounting import compute_epsilon
 from adadpigu.config import TrainConfig
-from study.runner import FaultInjected, execute_run, resume_run
+from study.runner import FaultInjectedError, execute_run, resume_run
 from tests.conftest import run_cli
 
 TINY: dict[str, Any] = {
@@ -96,7 +96,7 @@ def test_resume_with_overspend_finishes_the_plan_and_charges_redone_steps(
     raw["runtime"] = {"fault_at_step": fault}
     config = TrainConfig.from_dict(raw)
     run = tmp_path / "run"
-    with pytest.raises(FaultInjected):
+    with pytest.raises(FaultInjectedError):
         execute_run(config, out_dir=run)
     assert (run / "checkpoint.pt").exists() == (checkpoint_step > 0)
 

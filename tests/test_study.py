@@ -23,7 +23,7 @@ from adadpigu.config import Method
 from reports.schema import SCHEMA_VERSION, TRIALS_SCHEMA, VERSION_KEY
 from reports.table import best_per_group, read_table
 from study.objective import TrialContext, TrialStatus, classify, run_dir, run_trial
-from study.runner import FaultInjected
+from study.runner import FaultInjectedError
 from study.space import Group, parse_study
 from study.store import StudyPaths, StudyRecorder, prepare_plan
 from tests.conftest import REPO, cli_env, run_cli
@@ -135,7 +135,7 @@ def test_a_crashed_trial_is_recorded_failed_and_charged(tmp_path: Path) -> None:
     spec = parse_study(raw)
     ctx = TrialContext(study="t", spec=spec, group=spec.groups()[0], study_dir=str(tmp_path))
     reports: list[dict[str, Any]] = []
-    with pytest.raises(FaultInjected):
+    with pytest.raises(FaultInjectedError):
         run_trial(ctx, {"training.lr": 1.0}, trial_id=0, report=reports.append)
     assert reports == []  # it died before its first epoch ended
     recorder = StudyRecorder(StudyPaths(tmp_path), spec, prepare_plan(spec, name="t", source="-"))
@@ -145,11 +145,11 @@ def test_a_crashed_trial_is_recorded_failed_and_charged(tmp_path: Path) -> None:
         0,
         params={"training.lr": 1.0},
         result=None,
-        error="FaultInjected",
+        error="FaultInjectedError",
         context=ctx,
     )
     # Its ledger says how far it got; those steps are charged (write-ahead: the fatal one too).
-    assert row["status"] == "failed" and row["error"] == "FaultInjected"
+    assert row["status"] == "failed" and row["error"] == "FaultInjectedError"
     assert row["steps"] == 4 and row["sigma"] > 0 and 0 < row["epsilon"] < 4.0
     assert row["epsilon_all_trials"] == pytest.approx(row["epsilon"], rel=1e-6)
     assert best_per_group([row]) == {}
