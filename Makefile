@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SPACE ?= search_spaces/mnist_quick.yaml
+NAME ?= $(basename $(notdir $(SPACE)))
+DATASET ?= mnist
 
 .PHONY: study test venv data lint clean-venv
 
@@ -20,10 +22,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv: $(STAMP)
 
 data: venv
-	$(BIN)/adadpigu data fetch mnist
+	$(BIN)/adadpigu data fetch $(DATASET)
 
 study: data
-	$(BIN)/adadpigu study launch $(SPACE) --name mnist_quick --out studies
+	$(BIN)/adadpigu study launch $(SPACE) --name $(NAME) --out studies
 
 test: venv
 	$(BIN)/python -m pytest
