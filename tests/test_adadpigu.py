@@ -29,14 +29,12 @@ from adadpigu.config import (
     ClipScheduleKind,
     ConfigError,
     ImportanceKind,
-    ModelConfig,
     TrainConfig,
 )
 from adadpigu.gradients import batch_loss_gradient, per_example_gradients
 from adadpigu.importance import accumulate_importance, zero_scores
 from adadpigu.masks import global_mask
 from adadpigu.mechanisms import adaptive_release, dp_release, release_sum
-from adadpigu.models import build_model
 from adadpigu.noise import make_generator
 from adadpigu.normalisation import normalise_
 from adadpigu.plan import make_plan
@@ -48,36 +46,14 @@ from adadpigu.schedules import (
     noised_unclipped_fraction,
     quantile_noise_split,
 )
-
-F64 = torch.float64
-INPUT_SHAPE = (1, 4, 4)
-NUM_CLASSES = 3
-
-
-def tiny_mlp(seed: int = 0) -> nn.Module:
-    model = build_model(
-        ModelConfig(name="mlp"),
-        input_shape=INPUT_SHAPE,
-        num_classes=NUM_CLASSES,
-        generator=make_generator(seed),
-    )
-    return model.to(F64)
-
-
-def tiny_batch(n: int, *, seed: int = 1, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = make_generator(seed)
-    x = torch.randn(n, *INPUT_SHAPE, generator=generator, dtype=F64) * scale
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
-    return x, y
-
-
-def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters()}
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[n] - b[n]).abs().max()) for n in a)
+from tests.tiny import (
+    F64,
+    assert_ks_scale,
+    max_abs_diff,
+    params_of,
+    tiny_batch,
+    tiny_mlp,
+)
 
 
 def l2(tensors: dict[str, torch.Tensor]) -> float:
@@ -86,14 +62,6 @@ def l2(tensors: dict[str, torch.Tensor]) -> float:
 
 def clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in tensors.items()}
-
-
-def assert_ks_scale(samples: torch.Tensor, std: float) -> None:
-    """KS accepts N(0, std²) and rejects 2/3 and 3/2 of the scale."""
-    values = samples.double().cpu().numpy()
-    p = {f: stats.kstest(values / (f * std), "norm").pvalue for f in (1.0, 2 / 3, 3 / 2)}
-    assert p[1.0] > 1e-3, f"the right scale {std} is rejected (p={p[1.0]:.3g})"
-    assert p[2 / 3] < 1e-6 and p[3 / 2] < 1e-6, f"a wrong scale is accepted: {p}"
 
 
 def run_config(**sections: Any) -> TrainConfig:
