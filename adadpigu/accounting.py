@@ -386,6 +386,16 @@ def calibrate_noise(
             noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, kind=kind
         )
 
+    infeasible = AccountingError(
+        _infeasible(
+            f"the {kind.value} accountant",
+            epsilon=epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+        ),
+        field="privacy.epsilon",
+    )
     kwargs: dict[str, Any] = {"alphas": list(RDP_ORDERS)} if kind is AccountantKind.RDP else {}
     with _quiet_accountants():
         try:
@@ -401,31 +411,13 @@ def calibrate_noise(
                 )
             )
         except ValueError as error:  # Opacus: "The privacy budget is too low."
-            raise AccountingError(
-                _infeasible(
-                    f"the {kind.value} accountant",
-                    epsilon=epsilon,
-                    delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                ),
-                field="privacy.epsilon",
-            ) from error
+            raise infeasible from error
     if epsilon_of(sigma) <= epsilon:
         return sigma
     # Never release a σ that overshoots: search upwards from Opacus's answer.
     repaired = _smallest_sigma_within(epsilon_of, target=epsilon, start=sigma, tolerance=tolerance)
     if repaired is None:
-        raise AccountingError(
-            _infeasible(
-                f"the {kind.value} accountant",
-                epsilon=epsilon,
-                delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-            ),
-            field="privacy.epsilon",
-        )
+        raise infeasible
     return repaired
 
 
